@@ -135,14 +135,14 @@ def _hand_adamw_two_steps(beta_map, lr=0.1, beta_min=0.5, beta_max=0.9, beta2=0.
     record = []
     for t, g in enumerate(([1.0, 1.0], [1.0, 0.0]), start=1):
         mn = math.sqrt(sum(x * x for x in m))
-        c = 1.0 if mn == 0 else sum(a * b for a, b in zip(g, m)) / (
+        c = 1.0 if mn == 0 else sum(a * b for a, b in zip(g, m, strict=False)) / (
             math.sqrt(sum(x * x for x in g)) * mn + 1e-8)
         beta = beta_min + (beta_max - beta_min) * s(c)
-        m = [beta * a + (1 - beta) * b for a, b in zip(m, g)]
-        v = [beta2 * a + (1 - beta2) * b * b for a, b in zip(v, g)]
+        m = [beta * a + (1 - beta) * b for a, b in zip(m, g, strict=False)]
+        v = [beta2 * a + (1 - beta2) * b * b for a, b in zip(v, g, strict=False)]
         P *= beta
         theta = [th - lr * (mi / (1 - P)) / (math.sqrt(vi / (1 - beta2**t)) + eps)
-                 for th, mi, vi in zip(theta, m, v)]
+                 for th, mi, vi in zip(theta, m, v, strict=True)]
         record.append((c, beta, P))
     return theta, m, record
 

@@ -17,15 +17,7 @@ BETA_MAPS = ("linear", "relu")
 GRANULARITIES = ("tensor", "global")
 DIRECTION_PRESERVATION = ("none", "row", "instant")
 ADJUST_LR = ("original", "match_rms_adamw")
-NS_DTYPES = ("auto", "bfloat16", "float32")
-
-
-def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": bf16 on accelerators (as the reference does), fp32 on CPU (bf16 matmul is slow
-    there and fp32 is exact enough to be a faithful reference)."""
-    if ns_dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, ns_dtype)
+NS_DTYPES = ("bfloat16", "float32")
 
 
 def zeropower_via_newtonschulz(
@@ -109,4 +101,6 @@ def direction_preservation(
         return update / (update.norm(dim=1, keepdim=True) + eps)
     if mode == "instant":
         return update / (update.norm() + eps) + gamma * (instant / (instant.norm() + eps))
-    raise ValueError(f"direction_preservation must be one of {DIRECTION_PRESERVATION}, got {mode!r}")
+    raise ValueError(
+        f"direction_preservation must be one of {DIRECTION_PRESERVATION}, got {mode!r}"
+    )

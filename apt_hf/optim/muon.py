@@ -17,7 +17,7 @@ from .functional import NS_COEFFICIENTS, NS_EPS
 class Muon(APTMuon):
     """Muon for >= 2-D weights (plus optional ``algorithm="adamw"`` groups).
 
-    On 2-D weights with ``ns_dtype="bfloat16"`` it is bit-identical to ``torch.optim.Muon``;
+    On 2-D weights (default ``ns_dtype="bfloat16"``) it is bit-identical to ``torch.optim.Muon``;
     4-D conv weights, which torch's Muon rejects, are flattened to (out, in*kh*kw).
     """
 
@@ -33,7 +33,7 @@ class Muon(APTMuon):
         *,
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
         ns_eps: float = NS_EPS,
-        ns_dtype: str = "auto",
+        ns_dtype: str = "bfloat16",
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,

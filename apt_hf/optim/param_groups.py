@@ -20,8 +20,10 @@ from .apt import APTAdamW, APTMuon
 
 OPTIMIZERS = ("adamw", "muon")
 APT_SCOPES = ("shared", "all")
-_NO_DECAY_PATTERNS = [re.compile(p) for p in
-                      (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+_NO_DECAY_PATTERNS = [
+    re.compile(p)
+    for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+]
 _MATRIX_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MATRIX_LAYER_NAMES = ("Conv1D",)  # transformers.pytorch_utils.Conv1D (GPT-2), matched by name
 
@@ -144,9 +146,13 @@ def build_optimizer(
     betas, momentum, ...). Empty groups are left out.
     """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not allowed: choose one of {list(OPTIMIZERS)}")
+        raise ValueError(
+            f"optimizer={optimizer!r} is not allowed: choose one of {list(OPTIMIZERS)}"
+        )
     if apt_scope not in APT_SCOPES:
-        raise ValueError(f"apt_scope={apt_scope!r} is not allowed: choose one of {list(APT_SCOPES)}")
+        raise ValueError(
+            f"apt_scope={apt_scope!r} is not allowed: choose one of {list(APT_SCOPES)}"
+        )
     split = split_parameters(model, heads)
     params = dict(model.named_parameters())
     apt = kwargs.get("apt", True)
