@@ -48,10 +48,20 @@ def test_aptadamw_equals_torch_adamw_when_beta_fixed(apt):
     shapes = [(16, 8), (8,), (4, 3, 3, 3)]
     ours, ref = _params(shapes), None
     ref = _clone(ours)
-    opt = APTAdamW([{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0}], lr=3e-3,
-                   betas=(0.9, 0.99), weight_decay=0.1, apt=apt, beta_min=0.9)
-    tref = torch.optim.AdamW([{"params": ref[:2]}, {"params": ref[2:], "weight_decay": 0.0}],
-                             lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    opt = APTAdamW(
+        [{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+        apt=apt,
+        beta_min=0.9,
+    )
+    tref = torch.optim.AdamW(
+        [{"params": ref[:2]}, {"params": ref[2:], "weight_decay": 0.0}],
+        lr=3e-3,
+        betas=(0.9, 0.99),
+        weight_decay=0.1,
+    )
     _run_pair(opt, ours, tref, ref, steps=150)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -92,13 +102,13 @@ def test_conv_weight_goes_through_muon_flattened():
     g = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(3))
     for adjust in ("original", "match_rms_adamw"):
         p = w0.clone().requires_grad_()
-        opt = Muon([p], lr=0.1, momentum=0.9, nesterov=False, adjust_lr=adjust,
-                   ns_dtype="float32")
+        opt = Muon([p], lr=0.1, momentum=0.9, nesterov=False, adjust_lr=adjust, ns_dtype="float32")
         p.grad = g.clone()
         opt.step()
         u = (0.1 * g).reshape(8, 36)  # EMA buffer after one step: (1 - 0.9) g
         expected = w0 - adjusted_lr(0.1, adjust, 8, 36) * zeropower_via_newtonschulz(
-            u, dtype=torch.float32).reshape(8, 4, 3, 3)
+            u, dtype=torch.float32
+        ).reshape(8, 4, 3, 3)
         torch.testing.assert_close(p.detach(), expected)
     assert adjusted_lr(1.0, "original", 8, 36) == 1.0
     assert adjusted_lr(1.0, "original", 36, 8) == pytest.approx(math.sqrt(36 / 8))
@@ -118,8 +128,9 @@ def test_golden_cosine_and_beta_maps():
     g, m = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
     c = cosine(g @ m, g @ g, m @ m, 0.0)
     assert c.item() == pytest.approx(1 / math.sqrt(2), abs=1e-7)
-    assert beta_from_cos(c, 0.5, 0.9, "linear").item() == pytest.approx(0.5 + 0.4 * 0.8535534,
-                                                                        abs=1e-6)
+    assert beta_from_cos(c, 0.5, 0.9, "linear").item() == pytest.approx(
+        0.5 + 0.4 * 0.8535534, abs=1e-6
+    )
     assert beta_from_cos(c, 0.5, 0.9, "relu").item() == pytest.approx(0.7828427, abs=1e-6)
     neg = torch.tensor(-0.5)
     assert beta_from_cos(neg, 0.5, 0.9, "linear").item() == pytest.approx(0.6)
@@ -135,14 +146,20 @@ def _hand_adamw_two_steps(beta_map, lr=0.1, beta_min=0.5, beta_max=0.9, beta2=0.
     record = []
     for t, g in enumerate(([1.0, 1.0], [1.0, 0.0]), start=1):
         mn = math.sqrt(sum(x * x for x in m))
-        c = 1.0 if mn == 0 else sum(a * b for a, b in zip(g, m, strict=False)) / (
-            math.sqrt(sum(x * x for x in g)) * mn + 1e-8)
+        c = (
+            1.0
+            if mn == 0
+            else sum(a * b for a, b in zip(g, m, strict=False))
+            / (math.sqrt(sum(x * x for x in g)) * mn + 1e-8)
+        )
         beta = beta_min + (beta_max - beta_min) * s(c)
         m = [beta * a + (1 - beta) * b for a, b in zip(m, g, strict=False)]
         v = [beta2 * a + (1 - beta2) * b * b for a, b in zip(v, g, strict=False)]
         P *= beta
-        theta = [th - lr * (mi / (1 - P)) / (math.sqrt(vi / (1 - beta2**t)) + eps)
-                 for th, mi, vi in zip(theta, m, v, strict=True)]
+        theta = [
+            th - lr * (mi / (1 - P)) / (math.sqrt(vi / (1 - beta2**t)) + eps)
+            for th, mi, vi in zip(theta, m, v, strict=True)
+        ]
         record.append((c, beta, P))
     return theta, m, record
 
@@ -157,8 +174,9 @@ def test_golden_full_apt_adamw_step(beta_map):
     assert record[1][2] == pytest.approx(0.9 * expected_beta, abs=1e-7)
 
     p = torch.zeros(2, requires_grad=True)
-    opt = APTAdamW([p], lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, beta_min=0.5,
-                   beta_map=beta_map)
+    opt = APTAdamW(
+        [p], lr=0.1, betas=(0.9, 0.999), weight_decay=0.0, beta_min=0.5, beta_map=beta_map
+    )
     for g in ([1.0, 1.0], [1.0, 0.0]):
         p.grad = torch.tensor(g)
         opt.step()
@@ -176,8 +194,13 @@ def test_golden_full_apt_adamw_step(beta_map):
 
 def test_golden_global_granularity():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    opt = APTMuon([{"params": [a, b], "algorithm": "adamw"}], beta_min=0.5, beta_max=0.9,
-                  granularity="global", adamw_beta_min=0.5)
+    opt = APTMuon(
+        [{"params": [a, b], "algorithm": "adamw"}],
+        beta_min=0.5,
+        beta_max=0.9,
+        granularity="global",
+        adamw_beta_min=0.5,
+    )
     a.grad, b.grad = torch.tensor([1.0, 1.0]), torch.tensor([0.0, -1.0])
     opt.step()  # m_a = 0.1 [1, 1], m_b = 0.1 [0, -1]
     a.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -191,8 +214,9 @@ def test_golden_global_granularity():
 
 def test_golden_apt_muon_step_tensor_granularity():
     w = torch.zeros(2, 2, requires_grad=True)
-    opt = APTMuon([w], lr=0.1, momentum=0.9, beta_min=0.5, direction_preservation="none",
-                  ns_dtype="float32")
+    opt = APTMuon(
+        [w], lr=0.1, momentum=0.9, beta_min=0.5, direction_preservation="none", ns_dtype="float32"
+    )
     w.grad = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     opt.step()
     buf1 = opt.state[w]["momentum_buffer"].clone()
@@ -214,11 +238,14 @@ def test_direction_preservation_variants():
     u = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
     g = torch.tensor([[0.0, 2.0], [0.0, 0.0]])
     assert torch.equal(direction_preservation(u, g, "none", 0.5), u)
-    torch.testing.assert_close(direction_preservation(u, g, "row", 0.5, eps=0.0),
-                               torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    torch.testing.assert_close(
+        direction_preservation(u, g, "row", 0.5, eps=0.0), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    )
     un = u / math.sqrt(29.0)
-    torch.testing.assert_close(direction_preservation(u, g, "instant", 0.5, eps=0.0),
-                               un + 0.5 * torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(
+        direction_preservation(u, g, "instant", 0.5, eps=0.0),
+        un + 0.5 * torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+    )
     with pytest.raises(ValueError, match="direction_preservation"):
         direction_preservation(u, g, "bogus", 0.5)
 
@@ -227,21 +254,30 @@ def test_direction_preservation_variants():
 def test_apt_muon_applies_direction_preservation(dp):
     w = torch.zeros(3, 4, requires_grad=True)
     g = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-    opt = APTMuon([w], lr=0.1, beta_min=0.5, direction_preservation=dp, dp_gamma=0.7,
-                  ns_dtype="float32")
+    opt = APTMuon(
+        [w], lr=0.1, beta_min=0.5, direction_preservation=dp, dp_gamma=0.7, ns_dtype="float32"
+    )
     w.grad = g
     opt.step()
     u = 0.95 * (0.05 * g) + 0.05 * g  # c_1 = 1 -> beta = 0.95, nesterov
-    expected = -0.1 * zeropower_via_newtonschulz(direction_preservation(u, g, dp, 0.7),
-                                                 dtype=torch.float32)
+    expected = -0.1 * zeropower_via_newtonschulz(
+        direction_preservation(u, g, dp, 0.7), dtype=torch.float32
+    )
     torch.testing.assert_close(w.detach(), expected)
 
 
 # ---------------------------------------------------------------- state, grads, diagnostics
 def _tiny_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16),
-                         nn.LayerNorm(16), nn.Linear(16, 8), nn.Linear(8, 3))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.LayerNorm(16),
+        nn.Linear(16, 8),
+        nn.Linear(8, 3),
+    )
 
 
 def _train(model, opt, steps, seed):
@@ -273,7 +309,8 @@ def test_state_dict_round_trip_resumes_bit_identically(kind):
     opt_res.load_state_dict(ckpt["opt"])
     # the groups are still the live dicts that hold the model's parameters
     assert {id(p) for g in opt_res.param_groups for p in g["params"]} == {
-        id(p) for p in resumed.parameters()}
+        id(p) for p in resumed.parameters()
+    }
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):  # replay the data stream of the first half
         torch.randn(5, 1, 8, 8, generator=gen)
@@ -293,8 +330,9 @@ def test_state_dict_round_trip_resumes_bit_identically(kind):
 
 def test_optimizer_does_not_modify_grads_in_place():
     model = _tiny_net()
-    opt = build_optimizer(model, "muon", heads=["6"], direction_preservation="row",
-                          update_cos_every=1)
+    opt = build_optimizer(
+        model, "muon", heads=["6"], direction_preservation="row", update_cos_every=1
+    )
     model(torch.randn(2, 1, 8, 8)).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
@@ -379,10 +417,17 @@ def test_split_parameters_standard_muon_split_and_trainer_decay_rule():
     from transformers import BertConfig, BertModel, Trainer
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=32)
-    model = nn.ModuleDict({"encoder": BertModel(cfg), "head_a": nn.Linear(16, 3),
-                           "head_b": nn.Linear(16, 1)})
+    cfg = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    model = nn.ModuleDict(
+        {"encoder": BertModel(cfg), "head_a": nn.Linear(16, 3), "head_b": nn.Linear(16, 1)}
+    )
     split = split_parameters(model, heads=["head_a", model["head_b"]])
     assert set(split.heads) == {"head_a.weight", "head_a.bias", "head_b.weight", "head_b.bias"}
     assert all(n.endswith(".weight") and (".layer." in n or ".pooler." in n) for n in split.muon)
@@ -406,11 +451,16 @@ def test_split_first_conv_goes_to_adamw_and_conv_weights_to_muon():
 def test_build_optimizer_groups_scheduler_and_clipping():
     model = _tiny_net()
     extra = nn.Parameter(torch.zeros(2))
-    opt = build_optimizer(model, "muon", heads=["6"], lr=0.02, adamw_lr=1e-3,
-                          extra_params=[extra])
+    opt = build_optimizer(model, "muon", heads=["6"], lr=0.02, adamw_lr=1e-3, extra_params=[extra])
     names = [g["name"] for g in opt.param_groups]
-    assert names == ["muon", "adamw_decay", "adamw_no_decay", "heads_decay", "heads_no_decay",
-                     "extra"]
+    assert names == [
+        "muon",
+        "adamw_decay",
+        "adamw_no_decay",
+        "heads_decay",
+        "heads_no_decay",
+        "extra",
+    ]
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["muon"]["algorithm"] == "muon" and by_name["muon"]["lr"] == 0.02
     assert by_name["adamw_decay"]["lr"] == 1e-3 and by_name["adamw_no_decay"]["weight_decay"] == 0
@@ -424,8 +474,12 @@ def test_build_optimizer_groups_scheduler_and_clipping():
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     adamw = build_optimizer(model, "adamw", heads=["6"], apt_scope="all", weight_decay=0.05)
-    assert [g["name"] for g in adamw.param_groups] == ["adamw_decay", "adamw_no_decay",
-                                                        "heads_decay", "heads_no_decay"]
+    assert [g["name"] for g in adamw.param_groups] == [
+        "adamw_decay",
+        "adamw_no_decay",
+        "heads_decay",
+        "heads_no_decay",
+    ]
     assert all(g["apt"] for g in adamw.param_groups)
     assert adamw.param_groups[0]["weight_decay"] == 0.05
     with pytest.raises(ValueError, match="optimizer='sgd'"):

@@ -34,7 +34,10 @@ def _load_digits() -> tuple[Tensor, Tensor]:
 
 
 def make_multidigits(
-    split: str = "train", n_pairs: int | None = None, *, test_fraction: float = 0.25,
+    split: str = "train",
+    n_pairs: int | None = None,
+    *,
+    test_fraction: float = 0.25,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Build one split: ``{"image": (N, 1, 10, 10) float in [0, 1], "left": (N,), "right": (N,)}``.

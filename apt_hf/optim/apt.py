@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,17 +48,30 @@ from .functional import (
 
 ALGORITHMS = ("adamw", "muon")
 #: Defaults chosen from benchmarks/ablation_apt.py (numbers in docs/algorithm.md).
-DEFAULT_BETA_MIN_ADAMW = 0.5
-DEFAULT_BETA_MIN_MUON = 0.5
+DEFAULT_BETA_MIN_ADAMW = 0.8
+DEFAULT_BETA_MIN_MUON = 0.8
 DEFAULT_DIRECTION_PRESERVATION = "instant"
 DEFAULT_DP_GAMMA = 0.5
+
+
+class _Moment(NamedTuple):
+    """What the adaptive momentum computed for a group: the betas (a float when fixed) and,
+    with APT on, <g, m_{t-1}>, ||g||^2 and ||m_t||^2 per tensor."""
+
+    beta: Tensor | float
+    dots: Tensor | None = None
+    g_sq: Tensor | None = None
+    m_sq: Tensor | None = None
+
 
 _DIAG_KEYS = ("beta_mean", "beta_min_seen", "cos_mean", "instant_share", "update_cos")
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, high_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and low <= value and (
-        value < high if high_open else value <= high
+    ok = (
+        isinstance(value, (int, float))
+        and low <= value
+        and (value < high if high_open else value <= high)
     )
     if not ok:
         bracket = ")" if high_open else "]"
@@ -139,8 +152,9 @@ class APTOptimizer(Optimizer):
         _check_range("ns_eps", group["ns_eps"], 0.0, math.inf)
         _check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
         _check_choice("adjust_lr", group["adjust_lr"], ADJUST_LR)
-        _check_choice("direction_preservation", group["direction_preservation"],
-                      DIRECTION_PRESERVATION)
+        _check_choice(
+            "direction_preservation", group["direction_preservation"], DIRECTION_PRESERVATION
+        )
         _check_range("dp_gamma", group["dp_gamma"], 0.0, math.inf)
         for p in group["params"]:
             if p.ndim < 2:
@@ -174,7 +188,7 @@ class APTOptimizer(Optimizer):
 
     def _momentum_betas(
         self, group: dict[str, Any], grads: list[Tensor], moms: list[Tensor], states: list[dict]
-    ) -> Tensor | float:
+    ) -> _Moment:
         """beta_t for the group's tensors: a vector (one per tensor) when the adaptive momentum is
         active, the fixed base beta (a float, so the base optimizer is reproduced exactly) when
         ``apt`` is off or ``beta_min == beta_max``.
@@ -184,21 +198,26 @@ class APTOptimizer(Optimizer):
         when missing (first APT step, or state from a run without APT).
         """
         if not group["apt"]:
-            return group["beta_max"]
-        dots = torch.stack([torch.dot(g.reshape(-1), m.reshape(-1)).float()
-                            for g, m in zip(grads, moms, strict=True)])
-        g_sq = torch.stack(torch._foreach_norm(grads)).float().square()
+            return _Moment(group["beta_max"])
+        dots = torch.stack(
+            [torch.dot(g.reshape(-1), m.reshape(-1)) for g, m in zip(grads, moms, strict=True)]
+        )
+        g_sq = torch.stack(torch._foreach_norm(grads)).square()
         for st, m in zip(states, moms, strict=True):
             if "moment_sq" not in st:
                 st["moment_sq"] = m.float().norm().square()
         m_sq = torch.stack([st["moment_sq"] for st in states])
+        dots, g_sq = dots.to(m_sq.dtype), g_sq.to(m_sq.dtype)
         if group["granularity"] == "global":
             c = cosine(dots.sum(), g_sq.sum(), m_sq.sum(), group["cos_eps"]).expand_as(dots)
         else:
             c = cosine(dots, g_sq, m_sq, group["cos_eps"])
         fixed = group["beta_min"] == group["beta_max"]
-        beta = (torch.full_like(c, group["beta_max"]) if fixed else
-                beta_from_cos(c, group["beta_min"], group["beta_max"], group["beta_map"]))
+        beta = (
+            torch.full_like(c, group["beta_max"])
+            if fixed
+            else beta_from_cos(c, group["beta_min"], group["beta_max"], group["beta_map"])
+        )
         new_m_sq = ema_sq_norm(m_sq, dots, g_sq, beta)
         for st, value in zip(states, new_m_sq.unbind(), strict=True):
             st["moment_sq"] = value
@@ -208,15 +227,20 @@ class APTOptimizer(Optimizer):
         self._diag["instant_share"].append(
             (1.0 - beta) * g_sq.sqrt() / new_m_sq.sqrt().clamp(min=group["cos_eps"])
         )
-        return group["beta_max"] if fixed else beta
+        return _Moment(group["beta_max"] if fixed else beta, dots, g_sq, new_m_sq)
 
     def _record_update_cos(self, updates: list[Tensor], grads: list[Tensor]) -> None:
         """cos(-delta theta, g) per tensor, for the ``apt/update_cos`` diagnostic."""
-        dots = torch.stack([torch.dot(u.reshape(-1).float(), g.reshape(-1).float())
-                            for u, g in zip(updates, grads, strict=True)])
-        norms = torch.stack(torch._foreach_norm(updates)).float() * torch.stack(
-            torch._foreach_norm(grads)
-        ).float()
+        dots = torch.stack(
+            [
+                torch.dot(u.reshape(-1).float(), g.reshape(-1).float())
+                for u, g in zip(updates, grads, strict=True)
+            ]
+        )
+        norms = (
+            torch.stack(torch._foreach_norm(updates)).float()
+            * torch.stack(torch._foreach_norm(grads)).float()
+        )
         self._diag["update_cos"].append(dots / norms.clamp(min=1e-30))
 
     def _adamw_group(self, group: dict[str, Any], params: list[Tensor], update_cos: bool) -> None:
@@ -232,7 +256,7 @@ class APTOptimizer(Optimizer):
         exp_avg_sqs = [st["exp_avg_sq"] for st in states]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta2 = group["betas"][1]
-        beta = self._momentum_betas(group, grads, exp_avgs, states)
+        beta = self._momentum_betas(group, grads, exp_avgs, states).beta
         update_cos = update_cos and group["apt"]
         if update_cos:
             old = [p.detach().clone() for p in params]
@@ -250,43 +274,89 @@ class APTOptimizer(Optimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
         if wd != 0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        # m_hat / (sqrt(v_hat) + eps) = m / [(sqrt(v) + eps sqrt(bc2)) (1 - P) / sqrt(bc2)], with
-        # bc2 = 1 - beta2^t and P the running product of the betas used.
-        # Tensor by tensor (as torch's single-tensor AdamW): one temporary at a time, so the
-        # allocator reuses it instead of faulting in a model-sized buffer every step.
-        bc2_sqrt = [math.sqrt(1.0 - beta2 ** s.item()) for s in steps]
-        scale = (1.0 - torch.stack(bias_prods)) / (
-            lr * torch.tensor(bc2_sqrt, device=bias_prods[0].device))
-        for p, m, v, b, sc in zip(params, exp_avgs, exp_avg_sqs, bc2_sqrt, scale.unbind(),
-                                  strict=True):
-            p.addcdiv_(m, v.sqrt().add_(eps * b).mul_(sc), value=-1.0)
+        if lr != 0:
+            self._adamw_update(params, exp_avgs, exp_avg_sqs, steps, bias_prods, lr, eps, beta2)
         if update_cos:
             self._record_update_cos(torch._foreach_sub(old, params), grads)
+
+    @staticmethod
+    def _adamw_update(
+        params: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[Tensor],
+        bias_prods: list[Tensor],
+        lr: float,
+        eps: float,
+        beta2: float,
+    ) -> None:
+        """theta -= lr (m / (1 - P)) / (sqrt(v / bc2) + eps), written as
+        theta -= [lr sqrt(bc2) / (1 - P)] * m / (sqrt(v) + eps sqrt(bc2)), bc2 = 1 - beta2^t.
+
+        Tensor by tensor (as torch's single-tensor AdamW): one temporary at a time, which the
+        allocator reuses, instead of a model-sized buffer faulted in every step. On CPU the step
+        size is a Python number (free to read); elsewhere it stays a device tensor (no sync) and
+        scales the denominator.
+        """
+        bc2_sqrt = [math.sqrt(1.0 - beta2 ** s.item()) for s in steps]
+        device = bias_prods[0].device
+        step_size = lr * torch.tensor(bc2_sqrt, device=device) / (1.0 - torch.stack(bias_prods))
+        on_cpu = device.type == "cpu"
+        sizes = step_size.tolist() if on_cpu else (1.0 / step_size).unbind()
+        for p, m, v, b, size in zip(params, exp_avgs, exp_avg_sqs, bc2_sqrt, sizes, strict=True):
+            denom = v.sqrt().add_(eps * b)
+            if on_cpu:
+                p.addcdiv_(m, denom, value=-size)
+            else:
+                p.addcdiv_(m, denom.mul_(size), value=-1.0)
 
     def _muon_group(self, group: dict[str, Any], params: list[Tensor], update_cos: bool) -> None:
         grads = [p.grad for p in params]
         states = [self.state[p] for p in params]
         for p, st in zip(params, states, strict=True):
             if "momentum_buffer" not in st:
-                st["step"] = torch.tensor(0.0)
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         bufs = [st["momentum_buffer"] for st in states]
-        beta = self._momentum_betas(group, grads, bufs, states)
-        betas = list(beta.unbind()) if isinstance(beta, Tensor) else [beta] * len(params)
-        lr, wd = group["lr"], group["weight_decay"]
+        moment = self._momentum_betas(group, grads, bufs, states)
+        n = len(params)
+        if isinstance(moment.beta, Tensor):
+            betas, one_minus = list(moment.beta.unbind()), list((1.0 - moment.beta).unbind())
+        else:
+            betas, one_minus = [moment.beta] * n, [1.0 - moment.beta] * n
+        lr, wd, nesterov = group["lr"], group["weight_decay"], group["nesterov"]
         dp = group["direction_preservation"] if group["apt"] else "none"
+        if dp == "instant":
+            # NS normalises its input by the Frobenius norm, so NS(u/||u|| + gamma g/||g||) =
+            # NS(u + (gamma ||u|| / ||g||) g): one fused pass, with ||u|| from the scalars.
+            beta = moment.beta
+            u_sq = moment.m_sq
+            if (
+                nesterov
+            ):  # u = beta B_t + (1 - beta) g, <B_t, g> = beta <B_{t-1}, g> + (1-beta)|g|^2
+                u_sq = ema_sq_norm(
+                    moment.m_sq, beta * moment.dots + (1 - beta) * moment.g_sq, moment.g_sq, beta
+                )
+            ratios = list(
+                (
+                    group["dp_gamma"] * u_sq.sqrt() / moment.g_sq.sqrt().clamp(min=group["cos_eps"])
+                ).unbind()
+            )
         update_cos = update_cos and group["apt"]
         updates = []
-        for p, g, buf, st, b in zip(params, grads, bufs, states, betas, strict=True):
-            st["step"] += 1.0
-            buf.lerp_(g, 1.0 - b)
-            u = g.lerp(buf, b) if group["nesterov"] else buf
+        for i, (p, g, buf) in enumerate(zip(params, grads, bufs, strict=True)):
+            buf.lerp_(g, one_minus[i])
+            u = g.lerp(buf, betas[i]) if nesterov else buf
             rows = u.shape[0]
-            u2 = direction_preservation(
-                u.reshape(rows, -1), g.reshape(rows, -1), dp, group["dp_gamma"]
-            )
+            u2, g2 = u.reshape(rows, -1), g.reshape(rows, -1)
+            if dp == "instant":  # in place on the nesterov temporary: no new allocation
+                u2 = u2.addcmul_(g2, ratios[i]) if nesterov else torch.addcmul(u2, g2, ratios[i])
+            elif dp == "row":
+                u2 = direction_preservation(u2, g2, "row", group["dp_gamma"])
             ortho = zeropower_via_newtonschulz(
-                u2, group["ns_steps"], tuple(group["ns_coefficients"]), group["ns_eps"],
+                u2,
+                group["ns_steps"],
+                tuple(group["ns_coefficients"]),
+                group["ns_eps"],
                 getattr(torch, group["ns_dtype"]),
             ).reshape(p.shape)
             step = adjusted_lr(lr, group["adjust_lr"], rows, u2.shape[1])
@@ -331,8 +401,13 @@ class APTOptimizer(Optimizer):
 
 
 def _apt_defaults(
-    apt: bool, beta_min: float | None, beta_max: float | None, beta_map: str, granularity: str,
-    cos_eps: float, default_beta_min: float,
+    apt: bool,
+    beta_min: float | None,
+    beta_max: float | None,
+    beta_map: str,
+    granularity: str,
+    cos_eps: float,
+    default_beta_min: float,
 ) -> dict[str, Any]:
     return {
         "apt": apt,
@@ -367,12 +442,19 @@ class APTAdamW(APTOptimizer):
         cos_eps: float = 1e-8,
         update_cos_every: int = 0,
     ) -> None:
-        adamw = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                 **_apt_defaults(apt, beta_min, beta_max, beta_map, granularity, cos_eps,
-                                 DEFAULT_BETA_MIN_ADAMW)}
+        adamw = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            **_apt_defaults(
+                apt, beta_min, beta_max, beta_map, granularity, cos_eps, DEFAULT_BETA_MIN_ADAMW
+            ),
+        }
         defaults = {"algorithm": "adamw", **adamw}
-        super().__init__(params, defaults, {"adamw": adamw, "muon": adamw},
-                         update_cos_every=update_cos_every)
+        super().__init__(
+            params, defaults, {"adamw": adamw, "muon": adamw}, update_cos_every=update_cos_every
+        )
 
 
 class APTMuon(APTOptimizer):
@@ -416,18 +498,33 @@ class APTMuon(APTOptimizer):
         update_cos_every: int = 0,
     ) -> None:
         muon = {
-            "lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps,
-            "weight_decay": weight_decay, "adjust_lr": adjust_lr,
-            "direction_preservation": direction_preservation, "dp_gamma": dp_gamma,
-            "ns_coefficients": tuple(ns_coefficients), "ns_eps": ns_eps, "ns_dtype": ns_dtype,
-            **_apt_defaults(apt, beta_min, beta_max, beta_map, granularity, cos_eps,
-                            DEFAULT_BETA_MIN_MUON),
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "ns_steps": ns_steps,
+            "weight_decay": weight_decay,
+            "adjust_lr": adjust_lr,
+            "direction_preservation": direction_preservation,
+            "dp_gamma": dp_gamma,
+            "ns_coefficients": tuple(ns_coefficients),
+            "ns_eps": ns_eps,
+            "ns_dtype": ns_dtype,
+            **_apt_defaults(
+                apt, beta_min, beta_max, beta_map, granularity, cos_eps, DEFAULT_BETA_MIN_MUON
+            ),
         }
         adamw = {
-            "lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps,
+            "lr": adamw_lr,
+            "betas": tuple(adamw_betas),
+            "eps": adamw_eps,
             "weight_decay": adamw_weight_decay,
-            **_apt_defaults(apt, adamw_beta_min, None, beta_map, granularity, cos_eps,
-                            DEFAULT_BETA_MIN_ADAMW),
+            **_apt_defaults(
+                apt, adamw_beta_min, None, beta_map, granularity, cos_eps, DEFAULT_BETA_MIN_ADAMW
+            ),
         }
-        super().__init__(params, {"algorithm": "muon", **muon}, {"muon": muon, "adamw": adamw},
-                         update_cos_every=update_cos_every)
+        super().__init__(
+            params,
+            {"algorithm": "muon", **muon},
+            {"muon": muon, "adamw": adamw},
+            update_cos_every=update_cos_every,
+        )

@@ -36,11 +36,11 @@ def zeropower_via_newtonschulz(
     if grad.ndim != 2:
         raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(grad.shape)}")
     a, b, c = coefficients
-    x = grad.to(dtype)
+    x = grad.to(dtype, copy=True)  # our own copy, so normalising in place never touches grad
     transposed = grad.size(0) > grad.size(1)
     if transposed:
         x = x.T
-    x = x / x.norm().clamp(min=eps)
+    x.div_(x.norm().clamp(min=eps))
     for _ in range(steps):
         gram = x @ x.T
         poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)

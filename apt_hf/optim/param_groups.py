@@ -94,8 +94,14 @@ def split_parameters(
     no_decay = no_decay_names(model)
     first_conv = None
     if first_conv_to_adamw:
-        first_conv = next((n for n, m in model.named_modules()
-                           if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+        first_conv = next(
+            (
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            ),
+            None,
+        )
     muon_names = set()
     for module_name, module in model.named_modules():
         is_matrix_layer = isinstance(module, _MATRIX_LAYERS) or type(module).__name__ in (
@@ -171,8 +177,13 @@ def build_optimizer(
         group("adamw_no_decay", split.adamw_no_decay, weight_decay=0.0),
         group("heads_decay", split.head_decay, weight_decay=decay, apt=head_apt),
         group("heads_no_decay", split.head_no_decay, weight_decay=0.0, apt=head_apt),
-        {"name": "extra", "params": list(extra_params), "algorithm": "adamw",
-         "weight_decay": 0.0, "apt": False},
+        {
+            "name": "extra",
+            "params": list(extra_params),
+            "algorithm": "adamw",
+            "weight_decay": 0.0,
+            "apt": False,
+        },
     ]
     if optimizer == "muon":
         muon = {"name": "muon", "params": [params[n] for n in split.muon], "algorithm": "muon"}
