@@ -74,3 +74,9 @@ def test_readme_setup_is_exactly_two_commands_matching_ci():
             )
             in ci
         )
+
+
+def test_aptconfig_options_table_is_generated_from_the_fields():
+    from apt_hf.config import options_table
+
+    assert options_table() in README
