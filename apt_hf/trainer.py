@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from .config import APTConfig
+from .metrics import multitask_compute_metrics
 from .mtl import GradientMethod, LossWeighting, get_method, task_jacobian
 from .optim import build_optimizer
 
@@ -42,7 +43,11 @@ MTL_STATE_NAME = "mtl_method.pt"
 class APTTrainer(Trainer):
     """Trainer for a multi-task model (``apt_hf.MultiTaskModel`` or any model exposing
     ``task_names``, ``head_module_names()``, ``shared_parameters()`` and returning
-    ``task_losses``) with the MTL method and APT optimizer of an :class:`APTConfig`."""
+    ``task_losses``) with the MTL method and APT optimizer of an :class:`APTConfig`.
+
+    Without a ``compute_metrics``, evaluation reports each task type's ready-made metrics
+    (``apt_hf.metrics.multitask_compute_metrics``) and ``delta_m`` when
+    ``args.task_baselines`` is set."""
 
     def __init__(
         self, model: nn.Module | None = None, args: APTConfig | None = None, **kwargs: Any
@@ -57,8 +62,11 @@ class APTTrainer(Trainer):
                     f"APTTrainer needs a multi-task model (e.g. apt_hf.MultiTaskModel): "
                     f"{type(model).__name__} has no {attr!r}"
                 )
-        super().__init__(model=model, args=args, **kwargs)
         specs = getattr(model.config, "task_specs", None)
+        if kwargs.get("compute_metrics") is None and specs is not None:
+            # default: each task type's ready-made metrics, plus delta_m if baselines are given
+            kwargs["compute_metrics"] = multitask_compute_metrics(specs, args.task_baselines)
+        super().__init__(model=model, args=args, **kwargs)
         if specs is not None and args.label_names is None:
             self.label_names = [spec.label_column for spec in specs]
         self.task_names: list[str] = list(model.task_names)

@@ -425,3 +425,77 @@ def test_evaluation_gives_dicts_and_card_lists_the_run(tmp_path, monkeypatch):
     ):
         assert needle in card, needle
     assert not math.isnan(metrics["eval_loss"])
+
+
+# ------------------------------------------------------------------ config from CLI / YAML
+def test_aptconfig_from_cli_and_yaml(tmp_path):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(APTConfig)
+    (cli,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--mtl_method",
+            "cagrad",
+            "--mtl_method_kwargs",
+            '{"c": 0.2}',
+            "--apt_optimizer",
+            "adamw",
+            "--apt_beta_min",
+            "0.6",
+            "--apt",
+            "false",
+        ]
+    )
+    assert (cli.mtl_method, cli.mtl_method_kwargs, cli.apt_optimizer) == (
+        "cagrad",
+        {"c": 0.2},
+        "adamw",
+    )
+    assert cli.apt_beta_min == 0.6 and cli.apt is False
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"output_dir: {tmp_path}\nmtl_method: nash_mtl\nmuon_lr: 0.01\n"
+        "apt_direction_preservation: row\ntask_baselines:\n  topic/accuracy: 0.5\n"
+    )
+    (from_yaml,) = parser.parse_yaml_file(str(yaml_file))
+    assert from_yaml.mtl_method == "nash_mtl" and from_yaml.muon_lr == 0.01
+    assert from_yaml.apt_direction_preservation == "row"
+    assert from_yaml.task_baselines == {"topic/accuracy": 0.5}
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--mtl_method", "x"])
+
+
+def test_bf16_training_runs_and_changes_parameters(tmp_path):
+    model = text_model()
+    before = _params(model)
+    APTTrainer(
+        model=model,
+        args=apt_args(tmp_path, mtl_method="pcgrad", bf16=True),
+        train_dataset=TextTasks(),
+    ).train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(changed) == len(before)
+
+
+def test_ready_made_metrics_and_delta_m(tmp_path):
+    from apt_hf.metrics import multitask_compute_metrics
+
+    model = text_model()
+    baselines = {"topic/accuracy": 0.5, "score/mae": 0.2}
+    trainer = APTTrainer(
+        model=model,
+        args=apt_args(tmp_path, mtl_method="ew", task_baselines=baselines),
+        train_dataset=TextTasks(),
+        eval_dataset=TextTasks(n=12, seed=1),
+    )  # no compute_metrics given: the ready-made ones, delta_m from args.task_baselines
+    metrics = trainer.evaluate()
+    explicit = multitask_compute_metrics(model.config.task_specs, baselines)
+    assert trainer.compute_metrics.__qualname__ == explicit.__qualname__
+    for key in ("eval_topic/accuracy", "eval_topic/f1", "eval_score/mae", "eval_score/rmse"):
+        assert key in metrics, metrics
+    expected = 50.0 * (
+        -(metrics["eval_topic/accuracy"] - 0.5) / 0.5 + (metrics["eval_score/mae"] - 0.2) / 0.2
+    )
+    assert metrics["eval_delta_m"] == pytest.approx(expected, rel=1e-6)
