@@ -151,13 +151,18 @@ class APTTrainer(Trainer):
         self.accelerator.backward(loss)
         return loss.detach()
 
-    def _gradient_method_step(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> Tensor:
+    def _shared_and_heads(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """Trainable shared parameters (the MTL method's input) and every other trainable one."""
         unwrapped = self.accelerator.unwrap_model(model)
         shared = [p for _, p in unwrapped.shared_parameters() if p.requires_grad]
         if not shared:
             raise ValueError("the model leaves no trainable shared parameter for the MTL method")
         shared_ids = {id(p) for p in shared}
         heads = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in shared_ids]
+        return shared, heads
+
+    def _gradient_method_step(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> Tensor:
+        shared, heads = self._shared_and_heads(model)
         with self.accelerator.no_sync(model):
             with self.compute_loss_context_manager():
                 outputs = model(**inputs)
@@ -173,15 +178,12 @@ class APTTrainer(Trainer):
                 strategy=self.args.jacobian_strategy,
             )
         with torch.no_grad():
-            head_grads = [row.sum(0) for row in rows[len(shared) :]]
-            flat = torch.cat(
-                [r.reshape(-1).float() for r in rows[: len(shared)]]
-                + [g.reshape(-1).float() for g in head_grads]
-            )
+            # per shared tensor its (T, *shape) rows; per head tensor the sum over tasks
+            parts = rows[: len(shared)] + [row.sum(0) for row in rows[len(shared) :]]
             if window["rows"] is None:
-                window["rows"], window["losses"] = flat, losses.detach() / steps
+                window["rows"], window["losses"] = parts, losses.detach() / steps
             else:
-                window["rows"] += flat
+                torch._foreach_add_(window["rows"], parts)
                 window["losses"] += losses.detach() / steps
         weights = getattr(self.mtl_method, "weights", None)
         total = losses if weights is None else losses * weights.to(losses)
@@ -215,39 +217,37 @@ class APTTrainer(Trainer):
     def _aggregate_window(
         self, model: nn.Module, window: dict[str, Any], distributed: bool
     ) -> None:
-        unwrapped = self.accelerator.unwrap_model(model)
-        shared = [p for _, p in unwrapped.shared_parameters() if p.requires_grad]
-        shared_ids = {id(p) for p in shared}
-        heads = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in shared_ids]
+        shared, heads = self._shared_and_heads(model)
         n_tasks = len(self.task_names)
-        sizes = [n_tasks * p.numel() for p in shared] + [p.numel() for p in heads]
-        flat, losses = window["rows"], window.get("losses")
+        parts, losses = window["rows"], window["losses"]
         if distributed:  # one flat all-reduce: rows, head grads, losses and the skip flag
-            if flat is None:
-                flat, losses = (
-                    torch.zeros(sum(sizes), device=self.args.device),
-                    torch.zeros(n_tasks, device=self.args.device),
-                )
-            skip = torch.tensor([float(window["skip"])], device=flat.device)
-            packed = self.accelerator.reduce(torch.cat([flat, losses, skip]), "sum")
-            world = self.accelerator.num_processes
-            flat, losses = packed[: flat.numel()] / world, packed[flat.numel() : -1] / world
-            window["skip"] = window["skip"] or bool(packed[-1] > 0)
-        if window["skip"] or flat is None:
-            window["skip"] = window["skip"] or flat is None
+            shapes = [(n_tasks, *p.shape) for p in shared] + [p.shape for p in heads]
+            if parts is None:
+                parts = [torch.zeros(shape, device=self.args.device) for shape in shapes]
+                losses = torch.zeros(n_tasks, device=self.args.device)
+            skip = torch.tensor([float(window["skip"])], device=self.args.device)
+            flat = torch.cat([x.reshape(-1).float() for x in parts] + [losses, skip])
+            flat = self.accelerator.reduce(flat, "sum") / self.accelerator.num_processes
+            window["skip"] = window["skip"] or bool(flat[-1] > 0)
+            sizes = [math.prod(shape) for shape in shapes]
+            parts = [
+                x.view(shape)
+                for x, shape in zip(torch.split(flat[: sum(sizes)], sizes), shapes, strict=True)
+            ]
+            losses = flat[sum(sizes) : -1]
+        if window["skip"] or parts is None:
+            window["skip"] = True
             return
-        parts = list(torch.split(flat, sizes))
         scale = self._loss_scale()
-        rows = [
-            part.view(n_tasks, *p.shape) / scale
-            for part, p in zip(parts[: len(shared)], shared, strict=True)
-        ]
+        rows = parts[: len(shared)]
+        if scale != 1.0:  # fp16: aggregate the true gradients, hand the scaler scaled ones
+            rows = [row / scale for row in rows]
         with torch.no_grad():
             aggregated = self.mtl_method.aggregate(rows, losses)
             for p, grad in zip(shared, aggregated, strict=True):
-                p.grad = (grad * scale).to(p.dtype)
+                p.grad = (grad * scale if scale != 1.0 else grad).to(p.dtype)
             for p, grad in zip(heads, parts[len(shared) :], strict=True):
-                p.grad = grad.view_as(p).to(p.dtype)
+                p.grad = grad.to(p.dtype)
         if self.mtl_method.last_weights is not None:
             for task, w in zip(self.task_names, self.mtl_method.last_weights, strict=True):
                 self._metrics[f"weight/{task}"].append(w.float())
