@@ -80,6 +80,7 @@ class APTTrainer(Trainer):
         self.nonfinite_skipped = 0
         self._metrics: dict[str, list[Tensor]] = defaultdict(list)
         self._window: dict[str, Any] | None = None
+        self._group_lrs: dict[str, float] = {}
         self.add_callback(_EpochEnd(self.mtl_method))
 
     # ------------------------------------------------------------------ optimizer
@@ -116,7 +117,9 @@ class APTTrainer(Trainer):
             self._end_window(model)
         return loss
 
-    def _task_losses(self, outputs: Any) -> Tensor:
+    def _task_losses(self, outputs: Any) -> list[Tensor]:
+        """The T task losses in task order (kept apart: a stack would make every per-task
+        backward pass traverse all heads)."""
         task_losses = outputs["task_losses"] if isinstance(outputs, dict) else outputs.task_losses
         missing = [t for t in self.task_names if t not in task_losses]
         if missing:
@@ -125,13 +128,13 @@ class APTTrainer(Trainer):
                 "each task's labels (or set allow_missing_labels on the TaskSpec and use a "
                 "loss-weighting method)"
             )
-        losses = torch.stack([task_losses[t].float() for t in self.task_names])
-        for task, value in zip(self.task_names, losses.detach(), strict=True):
-            self._metrics[f"loss/{task}"].append(value)
+        losses = [task_losses[t].float() for t in self.task_names]
+        for task, value in zip(self.task_names, losses, strict=True):
+            self._metrics[f"loss/{task}"].append(value.detach())
         return losses
 
-    def _all_finite(self, losses: Tensor) -> bool:
-        finite = torch.isfinite(losses.detach()).all().float()
+    def _all_finite(self, losses: list[Tensor]) -> bool:
+        finite = torch.isfinite(torch.stack(losses).detach()).all().float()
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite, "min")
         return bool(finite.item())
@@ -147,7 +150,7 @@ class APTTrainer(Trainer):
             zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             self.accelerator.backward(zero)
             return torch.zeros((), device=self.args.device)
-        loss = self.mtl_method.combine(losses) / steps
+        loss = self.mtl_method.combine(torch.stack(losses)) / steps
         self.accelerator.backward(loss)
         return loss.detach()
 
@@ -173,21 +176,20 @@ class APTTrainer(Trainer):
                 return torch.zeros((), device=self.args.device)
             factor = self._loss_scale() / steps
             rows = task_jacobian(
-                [loss * factor for loss in losses],
+                losses if factor == 1.0 else [loss * factor for loss in losses],
                 shared + heads,
                 strategy=self.args.jacobian_strategy,
             )
         with torch.no_grad():
             # per shared tensor its (T, *shape) rows; per head tensor the sum over tasks
             parts = rows[: len(shared)] + [row.sum(0) for row in rows[len(shared) :]]
+            values = torch.stack(losses).detach()
             if window["rows"] is None:
-                window["rows"], window["losses"] = parts, losses.detach() / steps
+                window["rows"], window["losses"] = parts, values / steps
             else:
                 torch._foreach_add_(window["rows"], parts)
-                window["losses"] += losses.detach() / steps
-        weights = getattr(self.mtl_method, "weights", None)
-        total = losses if weights is None else losses * weights.to(losses)
-        return total.sum().detach() / steps
+                window["losses"] += values / steps
+        return values.sum() / steps
 
     def _loss_scale(self) -> float:
         scaler = getattr(self.accelerator, "scaler", None)
@@ -196,6 +198,11 @@ class APTTrainer(Trainer):
     def _end_window(self, model: nn.Module) -> None:
         """Last micro-batch of the window: reduce, aggregate, or skip the whole step."""
         window, self._window = self._window, None
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        # the lr each group steps with now (logged like Trainer's learning_rate, pre-scheduler)
+        self._group_lrs = {
+            g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(optimizer.param_groups)
+        }
         distributed = self.accelerator.num_processes > 1
         if isinstance(self.mtl_method, GradientMethod):
             self._aggregate_window(model, window, distributed)
@@ -264,8 +271,7 @@ class APTTrainer(Trainer):
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             if hasattr(optimizer, "diagnostics"):
                 logs.update({f"apt/{k}": v for k, v in optimizer.diagnostics().items()})
-                for group in optimizer.param_groups:
-                    logs[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            logs.update({f"lr/{name}": lr for name, lr in self._group_lrs.items()})
             logs["mtl/nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, start_time)
 

@@ -256,7 +256,8 @@ def test_every_trainable_parameter_changes(tmp_path, kind, optimizer):
         "mtl/nonfinite_skipped",
     ):
         assert key in logs, (key, logs)
-    assert any(k.startswith("lr/") for k in logs)
+    group_lrs = [v for k, v in logs.items() if k.startswith("lr/")]
+    assert group_lrs and logs["learning_rate"] == pytest.approx(group_lrs[0])  # same moment
     assert f"weight/{model.task_names[0]}" in logs
 
 
