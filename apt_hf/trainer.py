@@ -139,13 +139,20 @@ class APTTrainer(Trainer):
             finite = self.accelerator.reduce(finite, "min")
         return bool(finite.item())
 
-    def _loss_weighting_step(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> Tensor:
+    def _forward(self, model: nn.Module, inputs: dict[str, Any]) -> list[Tensor] | None:
+        """The task losses of one micro-batch, or None (window marked skipped) if any is not
+        finite on any rank."""
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
         losses = self._task_losses(outputs)
-        window = self._window
-        if not self._all_finite(losses):
-            window["skip"] = True
+        if self._all_finite(losses):
+            return losses
+        self._window["skip"] = True
+        return None
+
+    def _loss_weighting_step(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> Tensor:
+        losses = self._forward(model, inputs)
+        if losses is None:
             # every rank still runs a backward (of zero) so DDP's reduction completes
             zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             self.accelerator.backward(zero)
@@ -166,13 +173,10 @@ class APTTrainer(Trainer):
 
     def _gradient_method_step(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> Tensor:
         shared, heads = self._shared_and_heads(model)
+        window = self._window
         with self.accelerator.no_sync(model):
-            with self.compute_loss_context_manager():
-                outputs = model(**inputs)
-            losses = self._task_losses(outputs)
-            window = self._window
-            if not self._all_finite(losses):
-                window["skip"] = True
+            losses = self._forward(model, inputs)
+            if losses is None:
                 return torch.zeros((), device=self.args.device)
             factor = self._loss_scale() / steps
             rows = task_jacobian(

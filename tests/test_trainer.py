@@ -90,9 +90,9 @@ def vision_model(seed: int = 0) -> MultiTaskModel:
     return MultiTaskModel(_mt_config(cfg, tasks))
 
 
-def apt_args(tmp_path, **kw) -> APTConfig:
-    base = {
-        "output_dir": str(tmp_path / "out"),
+def _common(output_dir) -> dict:
+    return {
+        "output_dir": str(output_dir),
         "max_steps": 4,
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-3,
@@ -104,7 +104,22 @@ def apt_args(tmp_path, **kw) -> APTConfig:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-    return APTConfig(**{**base, **kw})
+
+
+def apt_args(tmp_path, **kw) -> APTConfig:
+    return APTConfig(**{**_common(tmp_path / "out"), **kw})
+
+
+def stock_args(tmp_path, **kw) -> TrainingArguments:
+    """The stock Trainer on the same run, with torch's AdamW and our label columns."""
+    return TrainingArguments(
+        **{
+            **_common(tmp_path / "ref"),
+            "optim": "adamw_torch",
+            "label_names": ["labels_topic", "labels_score"],
+            **kw,
+        }
+    )
 
 
 def _params(model) -> dict[str, torch.Tensor]:
@@ -112,7 +127,12 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------ equivalence with the stock
+def _train_logs(trainer) -> list[dict]:
+    return [e for e in trainer.state.log_history if "loss" in e]
+
+
 def test_ew_adamw_apt_off_equals_stock_trainer(tmp_path):
+    """Loss, grad norm and final parameters equal the stock Trainer on the summed loss."""
     data = TextTasks()
     ours = text_model()
     args = apt_args(
@@ -123,66 +143,20 @@ def test_ew_adamw_apt_off_equals_stock_trainer(tmp_path):
         weight_decay=0.01,
         max_grad_norm=1.0,
     )
-    APTTrainer(model=ours, args=args, train_dataset=data).train()
-
+    trainer = APTTrainer(model=ours, args=args, train_dataset=data)
+    trainer.train()
     ref = text_model()
-    ref_args = TrainingArguments(
-        output_dir=str(tmp_path / "ref"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to=[],
-        seed=0,
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        label_names=["labels_topic", "labels_score"],
-    )
-    stock = Trainer(model=ref, args=ref_args, train_dataset=data)
-    stock.train()
-
-    for (n, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
-
-
-def _train_logs(trainer) -> list[dict]:
-    return [e for e in trainer.state.log_history if "loss" in e]
-
-
-def test_ew_losses_and_grad_norm_match_stock(tmp_path):
-    data = TextTasks()
-    ours = APTTrainer(
-        model=text_model(),
-        args=apt_args(tmp_path, mtl_method="ew", apt_optimizer="adamw", apt=False),
-        train_dataset=data,
-    )
-    ours.train()
     stock = Trainer(
-        model=text_model(),
-        args=TrainingArguments(
-            output_dir=str(tmp_path / "ref"),
-            max_steps=4,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            logging_steps=1,
-            report_to=[],
-            seed=0,
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            optim="adamw_torch",
-            label_names=["labels_topic", "labels_score"],
-        ),
+        model=ref,
+        args=stock_args(tmp_path, weight_decay=0.01, max_grad_norm=1.0),
         train_dataset=data,
     )
     stock.train()
-    for a, b in zip(_train_logs(ours), _train_logs(stock), strict=True):
+    for a, b in zip(_train_logs(trainer), _train_logs(stock), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for (n, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 # ------------------------------------------------------------------ gradient accumulation
