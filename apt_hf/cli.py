@@ -262,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="apt-hf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run a recipe (extra --key value pass through)")
+    train = sub.add_parser(
+        "train", help="run a recipe (extra --key value and --help pass through)", add_help=False
+    )
     train.add_argument("recipe")
     sub.add_parser("methods", help="list the MTL methods")
     compare = sub.add_parser("compare", help="train and compare combinations")

@@ -115,7 +115,7 @@ class APTConfig(TrainingArguments):
     task_baselines: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Single-task baselines {'<task>/<metric>': value} for Delta_m%, as a "
+            "help": "Single-task baselines {'<task>/<metric>': value} for Delta_m, as a "
             "dict or a JSON string."
         },
     )

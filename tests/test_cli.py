@@ -131,3 +131,10 @@ def test_recipe_args_yaml_defaults_and_cli_overrides(tmp_path):
         parse_recipe_args((_Extra,), ["--config", str(config)])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_recipe_args((_Extra,), ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_recipe_help_prints(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "multidigits", "--help"])
+    assert exc.value.code == 0
+    assert "--mtl_method" in capsys.readouterr().out
