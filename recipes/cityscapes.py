@@ -1,0 +1,133 @@
+"""Cityscapes: 7-class segmentation and depth (disparity) from one shared backbone.
+
+    accelerate launch recipes/cityscapes.py --config recipes/configs/cityscapes.yaml [overrides]
+
+e.g. ``--mtl_method nash_mtl --data_root data/cityscapes``. Data: MTAN's preprocessed 128x256
+``.npy`` files (``root/{train,val}/{image,label_7,label_19,depth}/{i}.npy``). Evaluation on the
+val split (500 images) prints mIoU / pixel accuracy, depth abs / rel error and Delta_m% against
+the published single-task baselines (``apt_hf.metrics.CITYSCAPES_BASELINE``, 7 classes;
+``--task_baselines '{...}'`` replaces them, ``'{}'`` turns Delta_m off), and writes
+``results.json`` to ``--output_dir``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import set_seed
+
+from apt_hf import MultiTaskModel
+from apt_hf.data.dense import (
+    CITYSCAPES_LABELS,
+    DEPTH_SCALING,
+    DenseAugment,
+    MTANDense,
+    cityscapes_layout,
+    dense_task_specs,
+    task_baselines,
+)
+from apt_hf.metrics import CITYSCAPES_BASELINE
+from apt_hf.recipes import parse_recipe_args, run_recipe
+
+TASKS = ("segmentation", "depth")
+
+
+@dataclass
+class DataArguments:
+    data_root: str = field(
+        default="data/cityscapes",
+        metadata={"help": "Root of MTAN's files: {train,val}/{image,label_7,depth}/{i}.npy."},
+    )
+    labels: str = field(
+        default="label_7",
+        metadata={
+            "help": "Segmentation labels: label_7 (the benchmark) or label_19.",
+            "choices": list(CITYSCAPES_LABELS),
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training images."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation images."}
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "The protocol's augmentation: random zoom by 1 / 1.2 / 1.5 and flip."},
+    )
+    depth_scaling: str = field(
+        default="inverse",
+        metadata={
+            "help": "How a zoom by s rescales the disparity: inverse (/ s, the published "
+            "protocol), proportional (* s, geometrically consistent for disparity), none.",
+            "choices": list(DEPTH_SCALING),
+        },
+    )
+    normalize: bool = field(
+        default=True,
+        metadata={"help": "ImageNet mean/std normalisation (what pretrained backbones expect)."},
+    )
+
+
+@dataclass
+class ModelArguments:
+    backbone: str = field(
+        default="microsoft/resnet-50",
+        metadata={"help": "Backbone with feature maps: hub id or local directory."},
+    )
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASKS),
+        metadata={"help": f"Tasks to train, a subset of {list(TASKS)} (one: a single-task run)."},
+    )
+    decoder_channels: int = field(
+        default=128, metadata={"help": "Width of each dense head's decoder."}
+    )
+
+
+def build_datasets(data: DataArguments) -> tuple[MTANDense, MTANDense]:
+    """(train, val) datasets; the training split is augmented if ``data.augment``."""
+    layout = cityscapes_layout(data.labels)
+    augment = DenseAugment(depth_scaling=data.depth_scaling) if data.augment else None
+    train = MTANDense(
+        data.data_root,
+        "train",
+        layout=layout,
+        augment=augment,
+        normalize=data.normalize,
+        max_samples=data.max_train_samples,
+    )
+    val = MTANDense(
+        data.data_root,
+        "val",
+        layout=layout,
+        normalize=data.normalize,
+        max_samples=data.max_eval_samples,
+    )
+    return train, val
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse the config and CLI, train, evaluate; return the evaluation metrics."""
+    args, data_args, model_args = parse_recipe_args((DataArguments, ModelArguments), argv)
+    specs = dense_task_specs(model_args.tasks, CITYSCAPES_LABELS[data_args.labels], TASKS)
+    train, val = build_datasets(data_args)
+    if args.task_baselines is None:
+        if data_args.labels == "label_7":
+            args.task_baselines = task_baselines(specs, CITYSCAPES_BASELINE)
+        else:
+            warnings.warn(
+                f"labels={data_args.labels}: the published baselines are for label_7; no "
+                "Delta_m% unless --task_baselines is given",
+                stacklevel=2,
+            )
+    set_seed(args.seed)  # the heads' initialisation
+    model = MultiTaskModel.from_backbone(
+        model_args.backbone, tasks=specs, dense_decoder_channels=model_args.decoder_channels
+    )
+    return run_recipe("cityscapes", model, args, train, val)
+
+
+if __name__ == "__main__":
+    main()
