@@ -86,6 +86,7 @@ def run_recipe(
                 {
                     "recipe": name,
                     "metrics": metrics,
+                    "last_evals_mean": last_evals_mean(trainer.state.log_history),
                     "log_history": trainer.state.log_history,
                     "config": {
                         "mtl_method": args.mtl_method,
@@ -99,6 +100,22 @@ def run_recipe(
             )
         )
     return metrics
+
+
+def last_evals_mean(log_history: list[dict], k: int = 10) -> dict[str, float]:
+    """Mean of each eval metric over the last ``k`` evaluations during training (the MTAN
+    protocol reports the mean of the last 10 epochs); empty without evaluations."""
+    evals = [e for e in log_history if any(key.startswith("eval_") for key in e)][-k:]
+    keys = {
+        key
+        for e in evals
+        for key, v in e.items()
+        if key.startswith("eval_") and isinstance(v, int | float)
+    }
+    return {
+        key: sum(e[key] for e in evals if key in e) / sum(key in e for e in evals)
+        for key in sorted(keys)
+    }
 
 
 def format_metrics(name: str, metrics: dict[str, float]) -> str:

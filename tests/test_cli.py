@@ -138,3 +138,12 @@ def test_recipe_help_prints(capsys):
         cli.main(["train", "multidigits", "--help"])
     assert exc.value.code == 0
     assert "--mtl_method" in capsys.readouterr().out
+
+
+def test_last_evals_mean_follows_the_protocol():
+    from apt_hf.recipes import last_evals_mean
+
+    history = [{"loss": 1.0, "step": 1}] + [{"eval_a/x": float(i), "step": i} for i in range(12)]
+    assert last_evals_mean(history) == {"eval_a/x": sum(range(2, 12)) / 10}
+    assert last_evals_mean(history, k=1) == {"eval_a/x": 11.0}
+    assert last_evals_mean([{"loss": 1.0}]) == {}
