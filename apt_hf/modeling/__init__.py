@@ -17,6 +17,7 @@ from .configuration import (
 )
 from .heads import DenseHead, SequenceHead, TokenClassificationHead, check_labels, task_loss
 from .modeling import MultiTaskModel, MultiTaskOutput
+from .mpnn import MolecularMultiTaskModel, MPNNConfig, MPNNModel  # registers "apt-mpnn"
 
 AutoConfig.register(MultiTaskConfig.model_type, MultiTaskConfig, exist_ok=True)
 AutoModel.register(MultiTaskConfig, MultiTaskModel, exist_ok=True)
@@ -28,6 +29,9 @@ __all__ = [
     "TASK_LOSSES",
     "TASK_TYPES",
     "DenseHead",
+    "MPNNConfig",
+    "MPNNModel",
+    "MolecularMultiTaskModel",
     "MultiTaskConfig",
     "MultiTaskModel",
     "MultiTaskOutput",
