@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -34,6 +33,7 @@ from torch import Tensor, nn
 
 from ..metrics import multitask_compute_metrics
 from ..modeling import TaskSpec
+from .hub import load_hub_split
 
 CELEBA_HUB_ID = "flwrlabs/celeba"
 CELEBA_CONFIG = "img_align+identity+attr"
@@ -60,21 +60,6 @@ CELEBA_LAYOUT = (
     "Arched_Eyebrows, ..., Young)"
 )
 _MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
-
-
-def load_hub_split(path: str, name: str, split: str, *, hub_id: str, layout: str) -> Any:
-    """``datasets.load_dataset(path, name=name, split=split)``. A missing dataset, config or
-    split raises FileNotFoundError saying what is missing, where to get it and the layout
-    expected, instead of datasets' bare message."""
-    try:
-        return datasets.load_dataset(path, name=name, split=split)
-    except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise FileNotFoundError(
-            f"{hub_id}: could not load config {name!r}, split {split!r} from {path!r} ({err}). "
-            f"Get the data with network access by passing the hub id {hub_id!r}, or download it "
-            f"once with `hf download {hub_id} --repo-type dataset --local-dir DIR` and pass DIR. "
-            f"Expected layout: {layout}."
-        ) from err
 
 
 def attribute_task_name(attribute: str) -> str:

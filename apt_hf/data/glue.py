@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..metrics import F1, HIGHER_IS_BETTER, Accuracy, delta_m
 from ..modeling import MultiTaskModel, MultiTaskOutput, TaskSpec, task_loss
-from .celeba import load_hub_split
+from .hub import load_hub_split
 
 GLUE_HUB_ID = "nyu-mll/glue"
 GLUE_LAYOUT = (
