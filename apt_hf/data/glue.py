@@ -315,12 +315,7 @@ class GlueMultiTaskModel(MultiTaskModel):
             logits[name] = self.heads[name](features)
             if name in task_labels:
                 task_losses[name] = self._task_loss(specs[name], logits[name], task_labels[name])
-        loss = None
-        if task_losses:
-            loss = torch.stack([specs[n].weight * v for n, v in task_losses.items()]).sum()
-        output = MultiTaskOutput(loss=loss, task_losses=task_losses, logits=logits)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
+        return self._output(task_losses, logits, return_dict)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -375,6 +375,13 @@ class MultiTaskModel(PreTrainedModel):
                 logits[spec.name] = head(pooled)
             if label is not None:
                 task_losses[spec.name] = task_loss(spec, logits[spec.name], label)
+        return self._output(task_losses, logits, return_dict)
+
+    def _output(
+        self, task_losses: dict[str, Tensor], logits: dict[str, Tensor], return_dict: bool | None
+    ) -> MultiTaskOutput | tuple:
+        """The output every multi-task forward ends with: ``loss`` = sum_k weight_k L_k over
+        the tasks that had labels (None without), the per-task losses and logits."""
         loss = None
         if task_losses:
             weights = {s.name: s.weight for s in self.task_specs}

@@ -355,13 +355,7 @@ class MolecularMultiTaskModel(MultiTaskModel):
             for spec in self.task_specs
             if spec.name in task_labels
         }
-        loss = None
-        if task_losses:
-            weights = {s.name: s.weight for s in self.task_specs}
-            loss = torch.stack([weights[n] * value for n, value in task_losses.items()]).sum()
-        output = MultiTaskOutput(loss=loss, task_losses=task_losses, logits=logits)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return output if return_dict else output.to_tuple()
+        return self._output(task_losses, logits, return_dict)
 
 
 AutoConfig.register(MPNNConfig.model_type, MPNNConfig, exist_ok=True)
