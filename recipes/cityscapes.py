@@ -23,6 +23,7 @@ from apt_hf.data.dense import (
     CITYSCAPES_LABELS,
     DEPTH_SCALING,
     DenseAugment,
+    DenseModelArguments,
     MTANDense,
     cityscapes_layout,
     dense_task_specs,
@@ -71,21 +72,6 @@ class DataArguments:
     )
 
 
-@dataclass
-class ModelArguments:
-    backbone: str = field(
-        default="microsoft/resnet-50",
-        metadata={"help": "Backbone with feature maps: hub id or local directory."},
-    )
-    tasks: list[str] = field(
-        default_factory=lambda: list(TASKS),
-        metadata={"help": f"Tasks to train, a subset of {list(TASKS)} (one: a single-task run)."},
-    )
-    decoder_channels: int = field(
-        default=128, metadata={"help": "Width of each dense head's decoder."}
-    )
-
-
 def build_datasets(data: DataArguments) -> tuple[MTANDense, MTANDense]:
     """(train, val) datasets; the training split is augmented if ``data.augment``."""
     layout = cityscapes_layout(data.labels)
@@ -110,8 +96,10 @@ def build_datasets(data: DataArguments) -> tuple[MTANDense, MTANDense]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse the config and CLI, train, evaluate; return the evaluation metrics."""
-    args, data_args, model_args = parse_recipe_args((DataArguments, ModelArguments), argv)
-    specs = dense_task_specs(model_args.tasks, CITYSCAPES_LABELS[data_args.labels], TASKS)
+    args, data_args, model_args = parse_recipe_args((DataArguments, DenseModelArguments), argv)
+    specs = dense_task_specs(
+        model_args.tasks or list(TASKS), CITYSCAPES_LABELS[data_args.labels], TASKS
+    )
     train, val = build_datasets(data_args)
     if args.task_baselines is None:
         if data_args.labels == "label_7":

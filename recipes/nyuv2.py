@@ -24,6 +24,7 @@ from apt_hf.data.dense import (
     NYUV2_HUB_ID,
     NYUV2_NUM_CLASSES,
     DenseAugment,
+    DenseModelArguments,
     HubNYUv2,
     MTANDense,
     dense_task_specs,
@@ -75,21 +76,6 @@ class DataArguments:
     )
 
 
-@dataclass
-class ModelArguments:
-    backbone: str = field(
-        default="microsoft/resnet-50",
-        metadata={"help": "Backbone with feature maps: hub id or local directory."},
-    )
-    tasks: list[str] = field(
-        default_factory=lambda: list(TASKS),
-        metadata={"help": f"Tasks to train, a subset of {list(TASKS)} (one: a single-task run)."},
-    )
-    decoder_channels: int = field(
-        default=128, metadata={"help": "Width of each dense head's decoder."}
-    )
-
-
 def build_datasets(data: DataArguments) -> tuple[Dataset, Dataset]:
     """(train, val) datasets; the training split is augmented if ``data.augment``."""
 
@@ -117,8 +103,8 @@ def build_datasets(data: DataArguments) -> tuple[Dataset, Dataset]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse the config and CLI, train, evaluate; return the evaluation metrics."""
-    args, data_args, model_args = parse_recipe_args((DataArguments, ModelArguments), argv)
-    specs = dense_task_specs(model_args.tasks, NYUV2_NUM_CLASSES, TASKS)
+    args, data_args, model_args = parse_recipe_args((DataArguments, DenseModelArguments), argv)
+    specs = dense_task_specs(model_args.tasks or list(TASKS), NYUV2_NUM_CLASSES, TASKS)
     train, val = build_datasets(data_args)
     if args.task_baselines is None:
         args.task_baselines = task_baselines(specs, NYUV2_BASELINE)

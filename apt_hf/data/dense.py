@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -81,6 +81,25 @@ Item = dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------- tasks, baselines
+@dataclass
+class DenseModelArguments:
+    """Model options of the dense recipes (NYUv2, Cityscapes)."""
+
+    backbone: str = field(
+        default="microsoft/resnet-50",
+        metadata={"help": "Backbone with feature maps: hub id or local directory."},
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tasks to train (default: all of the dataset's; one: a single-task run)."
+        },
+    )
+    decoder_channels: int = field(
+        default=128, metadata={"help": "Width of each dense head's decoder."}
+    )
+
+
 def dense_task_specs(
     tasks: Sequence[str], num_classes: int, allowed: Sequence[str] = tuple(_KEYS)
 ) -> list[TaskSpec]:
