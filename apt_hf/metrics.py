@@ -50,6 +50,7 @@ __all__ = [
     "delta_m",
     "metric_for_task_type",
     "multitask_compute_metrics",
+    "task_delta_m",
 ]
 
 NORMAL_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
@@ -727,12 +728,22 @@ def multitask_compute_metrics(
             for key, value in _task_scores(spec.type, logits, labels, spec).items():
                 out[f"{spec.name}/{key}"] = value
         if baselines:
-            directions = {
-                name: higher_is_better[name.rsplit("/", 1)[-1]]
-                for name in baselines
-                if name.rsplit("/", 1)[-1] in higher_is_better
-            }
-            out["delta_m"] = delta_m(out, baselines, directions)
+            out["delta_m"] = task_delta_m(out, baselines, higher_is_better)
         return out
 
     return compute_metrics
+
+
+def task_delta_m(
+    metrics: Mapping[str, float],
+    baselines: Mapping[str, float],
+    higher_is_better: Mapping[str, bool] = HIGHER_IS_BETTER,
+) -> float:
+    """:func:`delta_m` over ``"<task>/<metric>"`` names, each metric's direction looked up by
+    the part after the last "/" (a name with no known direction raises ValueError)."""
+    directions = {
+        name: higher_is_better[name.rsplit("/", 1)[-1]]
+        for name in baselines
+        if name.rsplit("/", 1)[-1] in higher_is_better
+    }
+    return delta_m(metrics, baselines, directions)

@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..metrics import F1, HIGHER_IS_BETTER, Accuracy, delta_m
+from ..metrics import F1, HIGHER_IS_BETTER, Accuracy, task_delta_m
 from ..modeling import MultiTaskModel, MultiTaskOutput, TaskSpec, task_loss
 from .hub import load_hub_split
 
@@ -396,12 +396,7 @@ def glue_compute_metrics(
             task_means.append(float(np.mean(list(scores.values()))))
         out["glue_score"] = float(np.mean(task_means))
         if baselines:
-            directions = {
-                name: GLUE_HIGHER_IS_BETTER[name.rsplit("/", 1)[-1]]
-                for name in baselines
-                if name.rsplit("/", 1)[-1] in GLUE_HIGHER_IS_BETTER
-            }
-            out["delta_m"] = delta_m(out, baselines, directions)
+            out["delta_m"] = task_delta_m(out, baselines, GLUE_HIGHER_IS_BETTER)
         return out
 
     return compute_metrics
