@@ -258,7 +258,8 @@ def plot(summary: dict[str, Any], runs: dict[str, list[dict]], out: Path) -> Non
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Parse and run one command; return what it produced (metrics or the comparison)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="apt-hf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,5 +287,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     return None
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: exit status 0 on success (errors raise)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,7 +29,7 @@ TINY = [
 
 
 def test_methods_lists_the_name_table(capsys):
-    cli.main(["methods"])
+    assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     for name, cls in METHODS.items():
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
@@ -37,7 +37,7 @@ def test_methods_lists_the_name_table(capsys):
 
 
 def test_train_multidigits_reports_tasks_and_delta_m(tmp_path, capsys):
-    cli.main(["train", "multidigits", *TINY, "--output_dir", str(tmp_path)])
+    cli.run(["train", "multidigits", *TINY, "--output_dir", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     metrics = results["metrics"]
     for key in ("eval_left/accuracy", "eval_right/accuracy", "eval_delta_m"):
@@ -49,7 +49,7 @@ def test_train_multidigits_reports_tasks_and_delta_m(tmp_path, capsys):
 
 
 def test_single_task_baseline_run(tmp_path):
-    cli.main(
+    cli.run(
         [
             "train",
             "multidigits",
@@ -67,7 +67,7 @@ def test_single_task_baseline_run(tmp_path):
 
 
 def test_compare_writes_table_json_and_plots(tmp_path, capsys):
-    summary = cli.main(
+    summary = cli.run(
         [
             "compare",
             "multidigits",
@@ -109,7 +109,7 @@ def test_compare_writes_table_json_and_plots(tmp_path, capsys):
 )
 def test_bad_cli_input(argv, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        cli.main([*argv, "--output_dir", str(tmp_path)] if argv[0] == "train" else argv)
+        cli.run([*argv, "--output_dir", str(tmp_path)] if argv[0] == "train" else argv)
 
 
 @dataclass
@@ -135,7 +135,7 @@ def test_recipe_args_yaml_defaults_and_cli_overrides(tmp_path):
 
 def test_recipe_help_prints(capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["train", "multidigits", "--help"])
+        cli.run(["train", "multidigits", "--help"])
     assert exc.value.code == 0
     assert "--mtl_method" in capsys.readouterr().out
 
@@ -147,3 +147,15 @@ def test_last_evals_mean_follows_the_protocol():
     assert last_evals_mean(history) == {"eval_a/x": sum(range(2, 12)) / 10}
     assert last_evals_mean(history, k=1) == {"eval_a/x": 11.0}
     assert last_evals_mean([{"loss": 1.0}]) == {}
+
+
+def test_console_script_exits_zero():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "apt_hf.cli", "methods"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" or "Warning" in proc.stderr
+    assert "pcgrad" in proc.stdout
