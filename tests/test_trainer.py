@@ -474,3 +474,39 @@ def test_ready_made_metrics_and_delta_m(tmp_path):
         -(metrics["eval_topic/accuracy"] - 0.5) / 0.5 + (metrics["eval_score/mae"] - 0.2) / 0.2
     )
     assert metrics["eval_delta_m"] == pytest.approx(expected, rel=1e-6)
+
+
+def _one_scaled_step(tmp_path, scale: float, batch: dict) -> tuple[torch.Tensor, dict]:
+    """One mgda training step under a pretended loss scale: (row norms the method saw, .grads)."""
+    model = text_model()
+    trainer = APTTrainer(
+        model=model, args=apt_args(tmp_path, mtl_method="mgda"), train_dataset=TextTasks()
+    )
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._loss_scale = lambda: scale
+    seen = []
+    original = trainer.mtl_method.aggregate
+
+    def spy(rows, losses):
+        seen.append(torch.stack([r.norm() for r in rows]))
+        return original(rows, losses)
+
+    trainer.mtl_method.aggregate = spy
+    trainer.training_step(model, dict(batch))
+    return seen[0], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_grad_scaler_path_aggregates_true_gradients_and_rescales(tmp_path):
+    """fp16 bookkeeping without a GPU: with a loss scale S the method must see the unscaled
+    per-task gradients, and the .grad it leaves must be S times the unscaled run's (so the
+    GradScaler's own unscale / inf check in the optimizer step works)."""
+    data = TextTasks()
+    batch = APTTrainer(model=text_model(), args=apt_args(tmp_path)).data_collator(
+        [data[i] for i in range(4)]
+    )
+    rows_1, grads_1 = _one_scaled_step(tmp_path, 1.0, batch)
+    rows_s, grads_s = _one_scaled_step(tmp_path, 1024.0, batch)
+    torch.testing.assert_close(rows_s, rows_1, rtol=1e-4, atol=1e-7)
+    for name, grad in grads_1.items():
+        torch.testing.assert_close(grads_s[name], grad * 1024.0, rtol=1e-4, atol=1e-6, msg=name)
