@@ -24,6 +24,7 @@ import json
 import resource
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,7 @@ def worker(name: str, steps: int) -> dict:
         MultiTaskConfig(backbone_config=backbone, tasks=[t.to_dict() for t in tasks])
     )
     common = {
-        "output_dir": str(ROOT / "benchmarks" / "results" / f"_tmp_{name}"),
+        "output_dir": tempfile.mkdtemp(prefix=f"bench_trainer_{name}_"),
         "max_steps": steps,
         "per_device_train_batch_size": 16,
         "learning_rate": 1e-4,
