@@ -328,10 +328,19 @@ class APTTrainer(Trainer):
     ) -> None:
         """README.md for the Hub: backbone, tasks, MTL method, optimizer and APT settings, the
         latest per-task eval metrics; tagged ``apt-hf`` and ``multi-task-learning``."""
+        self._write_card(self.args.output_dir, model_name=model_name, tags=tags)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model; a save you ask for (not a checkpoint) also writes the model card."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call:
+            self._write_card(output_dir or self.args.output_dir)
+
+    def _write_card(self, directory: str, model_name: str | None = None, tags: Any = None) -> None:
         if not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, "w", encoding="utf-8") as fh:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as fh:
             fh.write(model_card(self, model_name=model_name, extra_tags=tags))
 
 

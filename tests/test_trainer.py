@@ -400,6 +400,9 @@ def test_evaluation_gives_dicts_and_card_lists_the_run(tmp_path, monkeypatch):
     ):
         assert needle in card, needle
     assert not math.isnan(metrics["eval_loss"])
+    trainer.save_model(str(tmp_path / "saved"))  # a save you ask for writes the card too
+    saved_card = (tmp_path / "saved" / "README.md").read_text()
+    assert "- apt-hf" in saved_card and "| topic |" in saved_card
 
 
 # ------------------------------------------------------------------ config from CLI / YAML
