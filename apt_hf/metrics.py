@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -669,64 +669,108 @@ def delta_m(
     return 100.0 * total / len(baselines)
 
 
-def _task_scores(
-    task_type: str, logits: np.ndarray, labels: np.ndarray, spec: Any
-) -> dict[str, float]:
-    """The ready-made metrics of one task from its gathered logits and labels."""
-    ignore = getattr(spec, "ignore_index", -100)
-    if task_type == "classification":
-        pred = logits.argmax(-1)
-        out = Accuracy(ignore_index=ignore).compute(predictions=pred, references=labels)
-        average = "binary" if logits.shape[-1] == 2 else "macro"
-        out.update(
-            F1(average=average, ignore_index=ignore).compute(predictions=pred, references=labels)
+_DENSE_ACCUMULATORS: Mapping[str, Callable[[Any], Any]] = MappingProxyType(
+    {
+        "segmentation": lambda spec: SegmentationAccumulator(
+            int(spec.num_labels), ignore_index=getattr(spec, "ignore_index", -1)
+        ),
+        "depth": lambda spec: DepthAccumulator(),
+        "normals": lambda spec: NormalAccumulator(),
+    }
+)
+_SEQUENCE_TYPES = ("classification", "token_classification", "multilabel", "regression")
+
+
+class _TaskScore:
+    """One task's ready-made metrics, fed batch by batch or all at once.
+
+    Dense tasks keep their accumulator's sufficient statistics; token classification keeps hit
+    and valid counts (sequence lengths differ between batches); the other sequence tasks keep
+    their (small) logits and labels and are scored once at the end.
+    """
+
+    def __init__(self, spec: Any) -> None:
+        if spec.type not in _SEQUENCE_TYPES and spec.type not in _DENSE_ACCUMULATORS:
+            raise ValueError(f"task_type={spec.type!r}; known task types: {sorted(TASK_METRICS)}")
+        self.spec = spec
+        self.ignore = getattr(spec, "ignore_index", -100)
+        self.reset()
+
+    def reset(self) -> None:
+        make = _DENSE_ACCUMULATORS.get(self.spec.type)
+        self.dense = make(self.spec) if make is not None else None
+        self.logits: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.hits = self.valid = 0
+
+    def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
+        if self.dense is not None:
+            self.dense.update(logits, labels)
+        elif self.spec.type == "token_classification":
+            valid = labels != self.ignore
+            self.hits += int((logits.argmax(-1)[valid] == labels[valid]).sum())
+            self.valid += int(valid.sum())
+        else:
+            self.logits.append(logits)
+            self.labels.append(labels)
+
+    def compute(self) -> dict[str, float]:
+        if self.dense is not None:
+            return {k: v for k, v in self.dense.compute().items() if isinstance(v, float)}
+        if self.spec.type == "token_classification":
+            return {"accuracy": self.hits / max(self.valid, 1)}
+        logits, labels = np.concatenate(self.logits), np.concatenate(self.labels)
+        if self.spec.type == "classification":
+            pred = logits.argmax(-1)
+            out = Accuracy(ignore_index=self.ignore).compute(predictions=pred, references=labels)
+            average = "binary" if logits.shape[-1] == 2 else "macro"
+            out.update(
+                F1(average=average, ignore_index=self.ignore).compute(
+                    predictions=pred, references=labels
+                )
+            )
+            return out
+        if self.spec.type == "multilabel":
+            scores = 1.0 / (1.0 + np.exp(-logits))
+            out = MultilabelF1(threshold=0.5).compute(
+                predictions=scores, references=(labels == 1).astype(np.int64)
+            )
+            return {"f1": out["f1"]}
+        out = RegressionErrors().compute(
+            predictions=logits.reshape(labels.shape), references=labels
         )
-        return out
-    if task_type == "token_classification":
-        valid = labels != ignore
-        pred = logits.argmax(-1)
-        return {"accuracy": float((pred[valid] == labels[valid]).mean())}
-    if task_type == "multilabel":
-        scores = 1.0 / (1.0 + np.exp(-logits))
-        out = MultilabelF1(threshold=0.5).compute(
-            predictions=scores, references=(labels == 1).astype(np.int64)
-        )
-        return {"f1": out["f1"]}
-    if task_type == "regression":
-        pred = logits.reshape(labels.shape)
-        out = RegressionErrors().compute(predictions=pred, references=labels)
         return {"mae": out["mae"], "rmse": out["rmse"]}
-    accumulator = {
-        "segmentation": lambda: SegmentationAccumulator(int(spec.num_labels), ignore_index=ignore),
-        "depth": DepthAccumulator,
-        "normals": NormalAccumulator,
-    }.get(task_type)
-    if accumulator is None:
-        raise ValueError(f"task_type={task_type!r}; known task types: {sorted(TASK_METRICS)}")
-    acc = accumulator()
-    acc.update(logits, labels)
-    return {k: v for k, v in acc.compute().items() if isinstance(v, float)}
 
 
 def multitask_compute_metrics(
     task_specs: Sequence[Any],
     baselines: Mapping[str, float] | None = None,
     higher_is_better: Mapping[str, bool] = HIGHER_IS_BETTER,
-) -> Any:
+) -> Callable[..., dict[str, float]]:
     """A ``compute_metrics`` for ``APTTrainer``: per task, the metrics of its type, named
     ``<task>/<metric>`` (classification: accuracy, f1; multilabel: f1; regression: mae, rmse;
     token classification: accuracy; segmentation: miou, pixel_acc; depth: abs_err, rel_err;
     normals: angle statistics), plus ``delta_m`` when ``baselines`` ({"<task>/<metric>": value})
-    are given (direction looked up by the metric part of the name)."""
-    specs = list(task_specs)
+    are given (direction looked up by the metric part of the name).
 
-    def compute_metrics(prediction: Any) -> dict[str, float]:
+    It also works with ``batch_eval_metrics=True`` (Trainer then calls it per batch with
+    ``compute_result`` False until the last): dense tasks then never hold the whole evaluation
+    set's logits, only their accumulators.
+    """
+    scores = [_TaskScore(spec) for spec in task_specs]
+
+    def compute_metrics(prediction: Any, compute_result: bool = True) -> dict[str, float]:
+        for score in scores:
+            score.update(
+                _to_numpy(prediction.predictions[score.spec.name]),
+                _to_numpy(prediction.label_ids[score.spec.name]),
+            )
+        if not compute_result:
+            return {}
         out: dict[str, float] = {}
-        for spec in specs:
-            logits = _to_numpy(prediction.predictions[spec.name])
-            labels = _to_numpy(prediction.label_ids[spec.name])
-            for key, value in _task_scores(spec.type, logits, labels, spec).items():
-                out[f"{spec.name}/{key}"] = value
+        for score in scores:
+            out.update({f"{score.spec.name}/{k}": v for k, v in score.compute().items()})
+            score.reset()
         if baselines:
             out["delta_m"] = task_delta_m(out, baselines, higher_is_better)
         return out

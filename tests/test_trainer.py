@@ -513,3 +513,28 @@ def test_grad_scaler_path_aggregates_true_gradients_and_rescales(tmp_path):
     torch.testing.assert_close(rows_s, rows_1, rtol=1e-4, atol=1e-7)
     for name, grad in grads_1.items():
         torch.testing.assert_close(grads_s[name], grad * 1024.0, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_eval_metrics_equal_the_gathered_ones(tmp_path):
+    """multitask_compute_metrics batch by batch (batch_eval_metrics) == on the gathered set."""
+    results = []
+    for batched in (False, True):
+        trainer = APTTrainer(
+            model=text_model(),
+            args=apt_args(
+                tmp_path,
+                batch_eval_metrics=batched,
+                per_device_eval_batch_size=5,
+                task_baselines={"topic/accuracy": 0.5, "score/mae": 0.2},
+            ),
+            eval_dataset=TextTasks(n=12, seed=1),
+        )
+        results.append(trainer.evaluate())
+    for key in (
+        "eval_topic/accuracy",
+        "eval_topic/f1",
+        "eval_score/mae",
+        "eval_score/rmse",
+        "eval_delta_m",
+    ):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-6), key
