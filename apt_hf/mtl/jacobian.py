@@ -30,9 +30,10 @@ STRATEGIES: tuple[str, ...] = ("auto", "loop", "batched", "autojac")
 #     8     699       804      1094   709
 #
 # On CPU the vmapped backward saves nothing (no batching rule for the CPU SDPA backward, so vmap
-# loops there anyway). CUDA is unmeasured: "batched" is picked because one vmapped backward
-# launches T times fewer kernels, which is what dominates on an accelerator.
-AUTO_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "batched"}
+# loops there anyway). CUDA is unmeasured (no GPU yet), so it loops too: a vmapped backward
+# launches T times fewer kernels, but it holds T activation gradients at once (T = 40 for
+# CelebA), which can run a GPU out of memory where the loop fits. Measure before changing it.
+AUTO_STRATEGY: dict[str, str] = {"cpu": "loop", "cuda": "loop"}
 
 _batched_failed = False  # set once vmap failed in this process: "batched" then loops
 
