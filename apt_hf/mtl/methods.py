@@ -600,7 +600,22 @@ class GradVac(_GramianWeighted):
             self.weighting._state_key = state["state_key"]
 
 
-class UPGrad(_GramianWeighted):
+class _DualCone(_GramianWeighted):
+    """A torchjd weighting that projects onto the dual cone of the task gradients with a
+    quadprog QP regularised by ``reg_eps`` (UPGrad, DualProj)."""
+
+    extra = "solvers"
+    requires = ("qpsolvers", "quadprog")
+    weighting_class: ClassVar[type]
+
+    def __init__(
+        self, n_tasks: int, *, reg_eps: float = 1e-4, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__(n_tasks, generator=generator)
+        self.weighting = self.weighting_class(projector=QuadprogProjector(reg_eps=reg_eps))
+
+
+class UPGrad(_DualCone):
     """Quinton & Rey, Jacobian Descent for Multi-Objective Optimization (UPGrad), 2024.
 
     Each g_k is projected onto the dual cone of all task gradients and the projections are
@@ -612,17 +627,10 @@ class UPGrad(_GramianWeighted):
 
     name = "upgrad"
     paper = "Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv 2406.16232"
-    extra = "solvers"
-    requires = ("qpsolvers", "quadprog")
-
-    def __init__(
-        self, n_tasks: int, *, reg_eps: float = 1e-4, generator: torch.Generator | None = None
-    ) -> None:
-        super().__init__(n_tasks, generator=generator)
-        self.weighting = agg.UPGradWeighting(projector=QuadprogProjector(reg_eps=reg_eps))
+    weighting_class = agg.UPGradWeighting
 
 
-class DualProj(_GramianWeighted):
+class DualProj(_DualCone):
     """Lopez-Paz & Ranzato, Gradient Episodic Memory for Continual Learning, NeurIPS 2017.
 
     The mean gradient projected onto the dual cone of the task gradients (d . g_k >= 0), as in
@@ -631,14 +639,7 @@ class DualProj(_GramianWeighted):
 
     name = "dualproj"
     paper = "Lopez-Paz & Ranzato, Gradient Episodic Memory for Continual Learning, NeurIPS 2017"
-    extra = "solvers"
-    requires = ("qpsolvers", "quadprog")
-
-    def __init__(
-        self, n_tasks: int, *, reg_eps: float = 1e-4, generator: torch.Generator | None = None
-    ) -> None:
-        super().__init__(n_tasks, generator=generator)
-        self.weighting = agg.DualProjWeighting(projector=QuadprogProjector(reg_eps=reg_eps))
+    weighting_class = agg.DualProjWeighting
 
 
 class FairGrad(_GramianWeighted):
