@@ -16,9 +16,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from transformers import set_seed
-
-from apt_hf import MultiTaskModel
 from apt_hf.data.dense import (
     CITYSCAPES_LABELS,
     DEPTH_SCALING,
@@ -26,6 +23,7 @@ from apt_hf.data.dense import (
     DenseModelArguments,
     MTANDense,
     cityscapes_layout,
+    dense_model,
     dense_task_specs,
     task_baselines,
 )
@@ -110,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 "Delta_m% unless --task_baselines is given",
                 stacklevel=2,
             )
-    set_seed(args.seed)  # the heads' initialisation
-    model = MultiTaskModel.from_backbone(
-        model_args.backbone, tasks=specs, dense_decoder_channels=model_args.decoder_channels
-    )
+    model = dense_model(model_args, specs, args.seed)
     return run_recipe("cityscapes", model, args, train, val)
 
 

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch.utils.data import Dataset
-from transformers import set_seed
 
-from apt_hf import MultiTaskModel
 from apt_hf.data.dense import (
     NYUV2_HUB_ID,
     NYUV2_NUM_CLASSES,
@@ -27,6 +25,7 @@ from apt_hf.data.dense import (
     DenseModelArguments,
     HubNYUv2,
     MTANDense,
+    dense_model,
     dense_task_specs,
     task_baselines,
 )
@@ -108,10 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     train, val = build_datasets(data_args)
     if args.task_baselines is None:
         args.task_baselines = task_baselines(specs, NYUV2_BASELINE)
-    set_seed(args.seed)  # the heads' initialisation
-    model = MultiTaskModel.from_backbone(
-        model_args.backbone, tasks=specs, dense_decoder_channels=model_args.decoder_channels
-    )
+    model = dense_model(model_args, specs, args.seed)
     return run_recipe("nyuv2", model, args, train, val)
 
 

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset
+from transformers import set_seed
 
-from ..modeling import TaskSpec
+from ..modeling import MultiTaskModel, TaskSpec
 
 __all__ = [
     "CITYSCAPES_LABELS",
@@ -97,6 +98,17 @@ class DenseModelArguments:
     )
     decoder_channels: int = field(
         default=128, metadata={"help": "Width of each dense head's decoder."}
+    )
+
+
+def dense_model(
+    model_args: DenseModelArguments, specs: Sequence[TaskSpec], seed: int
+) -> MultiTaskModel:
+    """The dense recipes' model: the pretrained backbone plus one decoder per task, the heads
+    initialised under ``seed``."""
+    set_seed(seed)
+    return MultiTaskModel.from_backbone(
+        model_args.backbone, tasks=list(specs), dense_decoder_channels=model_args.decoder_channels
     )
 
 
